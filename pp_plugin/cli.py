@@ -1,0 +1,100 @@
+"""The ``pp-prune`` command line.
+
+``pp-prune eval RECIPE [--set KEY=VALUE ...] [--json PATH]`` evaluates the dense
+model and the recipe's method on the same test windows and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from .cache import atomic_write_text
+from .errors import PPPluginError
+from .experiment import Report, run_evaluation
+from .recipe import load_recipe
+
+logger = logging.getLogger(__name__)
+
+TABLE_COLUMNS = (
+    ("method", "method", "{}"),
+    ("pruning_ratio", "ratio", "{:.2f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("latency_ms", "latency_ms", "{:.0f}"),
+    ("latency_ratio", "latency_ratio", "{:.3f}"),
+    ("flops_ratio", "flops_ratio", "{:.3f}"),
+)
+
+
+def format_table(report: Report) -> str:
+    """Return the results as an aligned plain-text table, with errors below it."""
+    header = [title for _, title, _ in TABLE_COLUMNS]
+    rows = []
+    for result in report.results:
+        row = []
+        for key, _, pattern in TABLE_COLUMNS:
+            value = getattr(result, key)
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            row.append("-" if missing else pattern.format(value))
+        rows.append(row)
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    for result in report.results:
+        if result.error:
+            lines.append(f"{result.method} at {result.pruning_ratio}: failed: {result.error}")
+    return "\n".join(lines)
+
+
+def _check_output_path(path: Path | None, force: bool) -> None:
+    if path is not None and path.exists() and not force:
+        raise PPPluginError(f"{path} already exists; choose another path or pass --force to overwrite it.")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pp-prune", description="Probe Pruning for Hugging Face causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate the dense model and the recipe's method on the same test windows"
+    )
+    evaluate.add_argument("recipe", type=Path, help="YAML recipe, e.g. recipes/smollm2-probe.yaml")
+    evaluate.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe key by its dotted path, e.g. --set data.test_windows=8 (repeatable)",
+    )
+    evaluate.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    evaluate.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        _check_output_path(args.json, args.force)
+        report = run_evaluation(recipe)
+    except PPPluginError as error:
+        print(f"pp-prune: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2) + "\n")
+        logger.info("wrote %s", args.json)
+    failed = any(result.error for result in report.results)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""One evaluation run of a recipe: load model and data, calibrate, measure every method."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .data import load_text, token_windows
+from .evaluation import MethodResult, evaluate_methods
+from .methods import Calibration, PruningMethod, create_method
+from .models import load_model, model_fingerprint
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """Results of one run, with the model and data they were measured on."""
+
+    model: str
+    data: dict
+    results: list[MethodResult]
+
+    def to_dict(self) -> dict:
+        """Return the JSON layout written by ``pp-prune eval --json``."""
+        return {
+            "model": self.model,
+            "data": self.data,
+            "results": [result.to_dict() for result in self.results],
+        }
+
+
+def prepare_windows(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the ``[N, T]`` calibration and test windows of the recipe's data."""
+    data = recipe.data
+    windows = []
+    for split, count in ((data.calibration_split, data.calibration_windows), (data.test_split, data.test_windows)):
+        text = load_text(data.dataset, split)
+        windows.append(
+            token_windows(tokenizer, text, data.seq_len, count, seed=data.seed, sampling=data.sampling)
+        )
+        logger.info("%s split %r: %d windows of %d tokens", data.dataset, split, count, data.seq_len)
+    return windows[0], windows[1]
+
+
+def run_methods(recipe: Recipe, methods: list[PruningMethod]) -> Report:
+    """Load the recipe's model and data, then evaluate ``methods`` side by side."""
+    model, tokenizer = load_model(recipe.model)
+    calibration_windows, test_windows = prepare_windows(recipe, tokenizer)
+    data = recipe.data
+    cache_key = {
+        "model": model_fingerprint(model),
+        "dataset": data.dataset,
+        "split": data.calibration_split,
+        "seq_len": data.seq_len,
+        "windows": data.calibration_windows,
+        "sampling": data.sampling,
+        "seed": data.seed,
+        "batch_size": data.batch_size,
+        "token_id_sum": int(calibration_windows.sum()),  # changes when the text or tokenizer changes
+    }
+    calibration = Calibration(calibration_windows, data.batch_size, cache_key)
+    results = evaluate_methods(model, methods, calibration, test_windows, data.batch_size)
+    return Report(model=recipe.model, data=data.model_dump(), results=results)
+
+
+def run_evaluation(recipe: Recipe) -> Report:
+    """Evaluate the dense model and the recipe's method on the same test windows."""
+    methods = [create_method({"name": "dense"})]
+    if recipe.method.name != "dense":
+        methods.append(create_method(recipe.method))
+    return run_methods(recipe, methods)

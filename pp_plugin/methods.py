@@ -1,0 +1,210 @@
+"""Pruning methods selectable by name in a recipe.
+
+Each method has a pydantic configuration (its recipe section, selected by the
+``name`` field) and a :class:`PruningMethod` implementation. ``METHODS`` maps
+names to both; :func:`create_method` rejects an unknown name with the list of
+valid ones.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import RecipeError
+from .flops import dense_model_flops
+from .history import CalibrationHistory, HistoryConfig, load_or_collect_history
+from .pruner import ProbePruner, ProbePruningConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """Calibration data shared by every method of one run.
+
+    Attributes:
+        windows: ``[N, T]`` calibration token ids, no padding.
+        batch_size: windows per forward pass.
+        cache_key: JSON-serialisable description of model, data and settings
+            that keys the on-disk history cache; None disables the cache.
+    """
+
+    windows: torch.Tensor
+    batch_size: int
+    cache_key: dict | None = None
+    _history: CalibrationHistory | None = None
+
+    def history(self, model: nn.Module, pruner: ProbePruner) -> CalibrationHistory:
+        """Return the dense model's calibration history, collected once per run."""
+        if self._history is None:
+            self._history = load_or_collect_history(
+                model, pruner.groups, self.windows, self.batch_size,
+                key=self.cache_key or {}, use_cache=self.cache_key is not None,
+            )
+        return self._history
+
+
+class PruningMethod(abc.ABC):
+    """A way of running a causal LM that :mod:`pp_plugin.evaluation` can measure."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: BaseModel):
+        self.config = config
+
+    @property
+    def pruning_ratio(self) -> float:
+        return getattr(self.config, "pruning_ratio", 0.0)
+
+    @abc.abstractmethod
+    def prepare(self, model: nn.Module, calibration: Calibration) -> None:
+        """Calibrate or prune; called once before evaluation."""
+
+    def reset(self) -> None:
+        """Return to the just-prepared state before an evaluation pass."""
+
+    @abc.abstractmethod
+    def forward(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """Return the logits of one batch."""
+
+    def batch_flops(self, model: nn.Module, batch: int, length: int) -> int:
+        """Return the FLOPs of the last :meth:`forward`, probe included."""
+        return dense_model_flops(model.config, batch, length)
+
+    def probe_flops(self) -> int:
+        """Return the probe's FLOPs in the last :meth:`forward` (0 without a probe)."""
+        return 0
+
+    def probe_seconds(self) -> float:
+        """Return the probe's wall time in the last :meth:`forward` (0 without a probe)."""
+        return 0.0
+
+
+class DenseConfig(BaseModel):
+    """The unpruned model."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["dense"] = "dense"
+
+
+class DenseMethod(PruningMethod):
+    name = "dense"
+
+    def prepare(self, model: nn.Module, calibration: Calibration) -> None:
+        pass
+
+    def forward(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids, use_cache=False).logits
+
+
+class ProbeMethodConfig(ProbePruningConfig):
+    """Probe Pruning (``probe``) with every :class:`ProbePruningConfig` setting."""
+
+    name: Literal["probe"] = "probe"
+
+
+class FullBatchProbeConfig(ProbePruningConfig):
+    """Full-batch probing: the probe is the whole batch and no history is used."""
+
+    name: Literal["full-batch-probe"] = "full-batch-probe"
+    full_batch: Literal[True] = True
+    history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(enabled=False, update="none"))
+
+
+class ProbeMethod(PruningMethod):
+    """Probe Pruning through :class:`ProbePruner`, attached for each batch."""
+
+    name = "probe"
+
+    def __init__(self, config: ProbePruningConfig):
+        super().__init__(config)
+        self.pruner: ProbePruner | None = None
+        self._before = (0, 0, 0, 0.0)
+
+    def _pruner_config(self) -> ProbePruningConfig:
+        fields = self.config.model_dump(exclude={"name"})
+        return ProbePruningConfig(**fields)
+
+    def prepare(self, model: nn.Module, calibration: Calibration) -> None:
+        config = self._pruner_config()
+        self.pruner = ProbePruner(model, config)
+        if config.history.enabled and not config.full_batch:
+            self.pruner.set_history(calibration.history(model, self.pruner))
+
+    def reset(self) -> None:
+        self.pruner.reset_history()
+        self.pruner.counters.reset()
+
+    def forward(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        counters = self.pruner.counters
+        self._before = (counters.dense_flops, counters.kept_flops, counters.probe_flops, counters.probe_seconds)
+        with self.pruner.attached():
+            return model(input_ids, use_cache=False).logits
+
+    def batch_flops(self, model: nn.Module, batch: int, length: int) -> int:
+        counters = self.pruner.counters
+        dense_part = counters.dense_flops - self._before[0]
+        kept_part = counters.kept_flops - self._before[1]
+        return dense_model_flops(model.config, batch, length) - dense_part + kept_part + self.probe_flops()
+
+    def probe_flops(self) -> int:
+        return self.pruner.counters.probe_flops - self._before[2]
+
+    def probe_seconds(self) -> float:
+        return self.pruner.counters.probe_seconds - self._before[3]
+
+
+class FullBatchProbeMethod(ProbeMethod):
+    """Full-batch probing, the quality upper bound of probing."""
+
+    name = "full-batch-probe"
+
+
+class RandomConfig(ProbePruningConfig):
+    """Uniformly random heads and channels, one static keep-set per layer: the floor to beat."""
+
+    name: Literal["random"] = "random"
+    seed: int = Field(0, description="seed of the random keep-sets")
+    history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(enabled=False, update="none"))
+
+
+class RandomMethod(ProbeMethod):
+    """Random structured pruning with the same layers, ratios and rounding as PP."""
+
+    name = "random"
+
+    def _pruner_config(self) -> ProbePruningConfig:
+        return ProbePruningConfig(**self.config.model_dump(exclude={"name", "seed"}))
+
+    def prepare(self, model: nn.Module, calibration: Calibration) -> None:
+        self.pruner = ProbePruner(model, self._pruner_config())
+        self.pruner.fix_decisions(self.pruner.random_decisions(self.config.seed))
+
+
+#: Method name to (recipe configuration class, implementation class).
+METHODS: dict[str, tuple[type[BaseModel], type[PruningMethod]]] = {
+    "dense": (DenseConfig, DenseMethod),
+    "probe": (ProbeMethodConfig, ProbeMethod),
+    "full-batch-probe": (FullBatchProbeConfig, FullBatchProbeMethod),
+    "random": (RandomConfig, RandomMethod),
+}
+
+
+def create_method(config: BaseModel | dict) -> PruningMethod:
+    """Build the method named by ``config.name`` (a validated config or a plain dict)."""
+    name = config["name"] if isinstance(config, dict) else config.name
+    if name not in METHODS:
+        raise RecipeError(
+            f"unknown method name {name!r}; valid names are: {', '.join(sorted(METHODS))}."
+        )
+    config_class, method_class = METHODS[name]
+    if isinstance(config, dict):
+        config = config_class(**config)
+    return method_class(config)
