@@ -2,6 +2,8 @@
 
 ``pp-prune eval RECIPE [--set KEY=VALUE ...] [--json PATH]`` evaluates the dense
 model and the recipe's method on the same test windows and prints a table.
+``pp-prune fetch [--model NAME] [--data NAME]`` downloads and converts the
+embedded model and data into the cache ahead of time.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import sys
 from pathlib import Path
 
 from .cache import atomic_write_text
+from .data import load_text
 from .errors import PPPluginError
 from .experiment import Report, run_evaluation
+from .models import ensure_embedded_model
 from .recipe import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -70,7 +74,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     evaluate.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+
+    fetch = commands.add_parser("fetch", help="download and convert the embedded model and data into the cache")
+    fetch.add_argument("--model", default="smollm2-135m", help="embedded model name (default: smollm2-135m)")
+    fetch.add_argument("--data", default="brown", help="data set name (default: brown)")
     return parser
+
+
+def _fetch(model: str, data: str) -> None:
+    folder = ensure_embedded_model(model)
+    for split in ("calibration", "test"):
+        load_text(data, split)
+    logger.info("model %s is in %s; data %s is cached", model, folder, data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command == "fetch":
+            _fetch(args.model, args.data)
+            return 0
         recipe = load_recipe(args.recipe, args.overrides)
         _check_output_path(args.json, args.force)
         report = run_evaluation(recipe)

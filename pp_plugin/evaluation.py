@@ -31,7 +31,7 @@ class MethodResult:
     """Measurements of one method on the test windows.
 
     Ratios are relative to the ``dense`` method of the same run (None without
-    one). ``batch_perplexities`` holds one perplexity per test batch, for spread.
+    one). ``batch_perplexities`` contains one perplexity per test batch, for spread.
     """
 
     method: str

@@ -2,9 +2,9 @@
 
 Each decoder layer yields two groups: the attention heads, rooted at the input
 channels of ``o_proj``, and the MLP intermediate channels, rooted at the input
-channels of ``down_proj``. The graph finds which output rows of q/k/v and
-gate/up are coupled to those columns; this module turns the graph's items into
-index tensors that the pruning runtime gathers with.
+channels of ``down_proj``. The graph finds the output rows of q/k/v and
+gate/up that are coupled to those columns. This module turns the graph's items
+into the index tensors that the pruning runtime gathers weights with.
 
 Tracing a Hugging Face decoder with torch-pruning 1.6.1 needs three changes
 while it runs, all undone afterwards (see :func:`traceable`): the KV cache off,

@@ -35,7 +35,7 @@ HISTORY_FORMAT_VERSION = 1
 
 
 class HistoryConfig(BaseModel):
-    """How calibration history enters the PP score and is updated at test time."""
+    """Use of calibration history in the PP score, and its test-time update."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -39,7 +39,7 @@ MethodConfig = Annotated[
 
 
 class DataConfig(BaseModel):
-    """Where calibration and test windows come from and how they are cut."""
+    """Source, size and batching of the calibration and test windows."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -1,10 +1,11 @@
 """Per-batch pruned forward of a LLaMA-style decoder layer.
 
 For each pruned layer and each batch, :class:`PrunedLayerRuntime` runs the
-four stages of Probe Pruning for the attention sub-block and then for the MLP
-sub-block: select a probe by residual importance, run the probe through the
-sub-block at full width, fuse the probe's statistic with calibration history
-into PP scores, and run the sub-block on the gathered kept weights only.
+four stages of Probe Pruning, first for the attention sub-block and then for
+the MLP sub-block. It selects a probe by residual importance and runs the probe
+through the sub-block at full width. It fuses the probe's statistic with
+calibration history into PP scores, then runs the sub-block on the gathered
+kept weights only.
 
 With a KV cache the kept heads are decided at prefill and reused for every
 decode step of the sequence, because the cache holds only the kept k/v heads.
