@@ -2,8 +2,11 @@
 
 ``pp-prune eval RECIPE [--set KEY=VALUE ...] [--json PATH]`` evaluates the dense
 model and the recipe's method on the same test windows and prints a table.
-``pp-prune fetch [--model NAME] [--data NAME]`` downloads and converts the
-embedded model and data into the cache ahead of time.
+``pp-prune compare RECIPE [--set ...] [--json PATH] [--plot PATH]`` evaluates
+every method of the recipe's compare section at every ratio on the same windows.
+``pp-prune apply RECIPE --output DIR [--force]`` prunes with the recipe's static
+method and saves the smaller model. ``pp-prune fetch [--model NAME] [--data NAME]``
+downloads and converts the embedded model and data into the cache ahead of time.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from pathlib import Path
 
 from .cache import atomic_write_text
 from .data import load_text
-from .errors import PPPluginError
-from .experiment import Report, run_evaluation
+from .comparison import format_comparison, plot_comparison, run_comparison
+from .errors import PPPluginError, RecipeError
+from .experiment import Report, open_workspace, run_evaluation
+from .methods import METHODS, StaticMethod, create_method
 from .models import ensure_embedded_model
+from .static import check_output_dir, save_pruned
 from .recipe import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -67,13 +73,22 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="evaluate the dense model and the recipe's method on the same test windows"
     )
-    evaluate.add_argument("recipe", type=Path, help="YAML recipe, e.g. recipes/smollm2-probe.yaml")
-    evaluate.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe key by its dotted path, e.g. --set data.test_windows=8 (repeatable)",
+    compare = commands.add_parser(
+        "compare", help="evaluate every method of the recipe's compare section at every ratio"
     )
-    evaluate.add_argument("--json", type=Path, help="also write the results as JSON to this file")
-    evaluate.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    apply = commands.add_parser("apply", help="prune with the recipe's static method and save the smaller model")
+    for command in (evaluate, compare, apply):
+        command.add_argument("recipe", type=Path, help="YAML recipe, e.g. recipes/smollm2-probe.yaml")
+        command.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a recipe key by its dotted path, e.g. --set data.test_windows=8 (repeatable)",
+        )
+    for command in (evaluate, compare):
+        command.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+        command.add_argument("--force", action="store_true", help="overwrite existing output files")
+    compare.add_argument("--plot", type=Path, help="also draw perplexity against latency ratio into this PNG")
+    apply.add_argument("--output", type=Path, required=True, help="folder for the pruned model")
+    apply.add_argument("--force", action="store_true", help="write into a non-empty --output folder")
 
     fetch = commands.add_parser("fetch", help="download and convert the embedded model and data into the cache")
     fetch.add_argument("--model", default="smollm2-135m", help="embedded model name (default: smollm2-135m)")
@@ -101,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             _fetch(args.model, args.data)
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
-        _check_output_path(args.json, args.force)
+        if args.command == "apply":
+            _apply(recipe, args.output, args.force)
+            return 0
+        for path in (args.json, getattr(args, "plot", None)):
+            _check_output_path(path, args.force)
+        if args.command == "compare":
+            return _compare(recipe, args.json, args.plot)
         report = run_evaluation(recipe)
     except PPPluginError as error:
         print(f"pp-prune: error: {error}", file=sys.stderr)
@@ -112,6 +133,33 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("wrote %s", args.json)
     failed = any(result.error for result in report.results)
     return 1 if failed else 0
+
+
+def _compare(recipe, json_path: Path | None, plot_path: Path | None) -> int:
+    report = run_comparison(recipe)
+    print(format_comparison(report))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        logger.info("wrote %s", json_path)
+    if plot_path is not None:
+        plot_comparison(report, plot_path)
+        logger.info("wrote %s", plot_path)
+    return 1 if any(row.error for row in report.rows) else 0
+
+
+def _apply(recipe, output: Path, force: bool) -> None:
+    method = create_method(recipe.method)
+    if not isinstance(method, StaticMethod):
+        static_names = sorted(name for name, (_, cls) in METHODS.items() if issubclass(cls, StaticMethod))
+        raise RecipeError(
+            f"method {recipe.method.name!r} prunes per batch and has no single pruned model to save; "
+            f"set method.name to a static method: {', '.join(static_names)}."
+        )
+    check_output_dir(output, force)
+    workspace = open_workspace(recipe)
+    method.prepare(workspace.model, workspace.calibration)
+    save_pruned(method.pruned_model, workspace.tokenizer, output, force=force)
+    logger.info("saved the model pruned by %s at ratio %.2f to %s", method.name, method.pruning_ratio, output)
 
 
 if __name__ == "__main__":

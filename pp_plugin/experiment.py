@@ -46,8 +46,18 @@ def prepare_windows(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tens
     return windows[0], windows[1]
 
 
-def run_methods(recipe: Recipe, methods: list[PruningMethod]) -> Report:
-    """Load the recipe's model and data, then evaluate ``methods`` side by side."""
+@dataclass
+class Workspace:
+    """Model, tokenizer and windows of a recipe, loaded once and shared by several runs."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    calibration: Calibration
+    test_windows: torch.Tensor
+
+
+def open_workspace(recipe: Recipe) -> Workspace:
+    """Load the recipe's model and data and describe its calibration for the history cache."""
     model, tokenizer = load_model(recipe.model)
     calibration_windows, test_windows = prepare_windows(recipe, tokenizer)
     data = recipe.data
@@ -62,9 +72,16 @@ def run_methods(recipe: Recipe, methods: list[PruningMethod]) -> Report:
         "batch_size": data.batch_size,
         "token_id_sum": int(calibration_windows.sum()),  # changes when the text or tokenizer changes
     }
-    calibration = Calibration(calibration_windows, data.batch_size, cache_key)
-    results = evaluate_methods(model, methods, calibration, test_windows, data.batch_size)
-    return Report(model=recipe.model, data=data.model_dump(), results=results)
+    return Workspace(model, tokenizer, Calibration(calibration_windows, data.batch_size, cache_key), test_windows)
+
+
+def run_methods(recipe: Recipe, methods: list[PruningMethod], workspace: Workspace | None = None) -> Report:
+    """Evaluate ``methods`` side by side on the recipe's test windows."""
+    workspace = workspace or open_workspace(recipe)
+    results = evaluate_methods(
+        workspace.model, methods, workspace.calibration, workspace.test_windows, recipe.data.batch_size
+    )
+    return Report(model=recipe.model, data=recipe.data.model_dump(), results=results)
 
 
 def run_evaluation(recipe: Recipe) -> Report:

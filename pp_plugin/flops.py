@@ -52,3 +52,22 @@ def dense_model_flops(config, batch: int, length: int) -> int:
     layers = config.num_hidden_layers * dense_layer_flops(config, batch, length, length)
     head = linear_flops(batch * length, config.hidden_size, config.vocab_size)
     return layers + head
+
+
+def model_flops(model, batch: int, length: int) -> int:
+    """Return the FLOPs of a forward pass over ``[batch, length]`` from the modules' actual widths.
+
+    Unlike :func:`dense_model_flops` this counts a statically pruned model, whose
+    layers may differ in head count and MLP width, as it is.
+    """
+    config = model.config
+    tokens = batch * length
+    total = linear_flops(tokens, config.hidden_size, config.vocab_size)
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        head_dim = attention.head_dim
+        heads = attention.q_proj.out_features // head_dim
+        kv_heads = attention.k_proj.out_features // head_dim
+        total += attention_block_flops(batch, length, length, config.hidden_size, heads, kv_heads, head_dim)
+        total += mlp_block_flops(tokens, config.hidden_size, layer.mlp.down_proj.in_features)
+    return total

@@ -37,7 +37,7 @@ HISTORY_FORMAT_VERSION = 1
 class HistoryConfig(BaseModel):
     """Use of calibration history in the PP score, and its test-time update."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool = Field(True, description="fuse the probe with calibration history; False scores the probe alone")
     update: Literal["ema", "running-mean", "none"] = Field(
@@ -143,9 +143,11 @@ class CalibrationHistory:
             attention = {int(k): ChannelHistory(**v) for k, v in payload["attention"].items()}
             mlp = {int(k): ChannelHistory(**v) for k, v in payload["mlp"].items()}
         except Exception as error:  # torch.load raises many types on a damaged file
+            # torch's own message suggests weights_only=False, which is wrong advice here.
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise CacheError(
                 f"calibration history cache {path} is unreadable or corrupt ({type(error).__name__}: "
-                f"{error}); delete the file and run again to recalibrate."
+                f"{first_line[:200]}); delete the file and run again to recalibrate."
             ) from error
         if version != HISTORY_FORMAT_VERSION:
             raise CacheError(

@@ -9,6 +9,8 @@ valid ones.
 from __future__ import annotations
 
 import abc
+import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -18,9 +20,20 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import RecipeError
-from .flops import dense_model_flops
+from .baselines import (
+    flap_decisions,
+    magnitude_scores,
+    probe_snapshot_scores,
+    taylor_scores,
+    uniform_decisions,
+    wanda_sp_scores,
+)
+from .flops import dense_model_flops, model_flops
 from .history import CalibrationHistory, HistoryConfig, load_or_collect_history
-from .pruner import ProbePruner, ProbePruningConfig
+from .pruner import ProbePruner, ProbePruningConfig, StructureConfig
+from .runtime import LayerDecision
+from .static import apply_decisions
+
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +103,7 @@ class PruningMethod(abc.ABC):
 class DenseConfig(BaseModel):
     """The unpruned model."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: Literal["dense"] = "dense"
 
 
@@ -167,25 +180,131 @@ class FullBatchProbeMethod(ProbeMethod):
     name = "full-batch-probe"
 
 
-class RandomConfig(ProbePruningConfig):
-    """Uniformly random heads and channels, one static keep-set per layer: the floor to beat."""
+class StaticConfig(StructureConfig):
+    """Settings shared by the static baselines: what is pruned and how much."""
+
+
+class StaticMethod(PruningMethod):
+    """A baseline that prunes once and evaluates the physically smaller model.
+
+    The dense model is copied and the copy is shrunk with torch-pruning's
+    pruning functions (:func:`pp_plugin.static.apply_decisions`), so its latency
+    is that of a real smaller model.
+    """
+
+    def __init__(self, config: StaticConfig):
+        super().__init__(config)
+        self.pruned_model: nn.Module | None = None
+
+    @abc.abstractmethod
+    def decide(
+        self, pruner: ProbePruner, calibration: Calibration
+    ) -> tuple[dict[int, LayerDecision], dict | None]:
+        """Return the keep-set of every pruned layer and optional bias compensation."""
+
+    def prepare(self, model: nn.Module, calibration: Calibration) -> None:
+        structure = StructureConfig(**self.config.model_dump(include=set(StructureConfig.model_fields)))
+        pruner = ProbePruner(
+            model, ProbePruningConfig(**structure.model_dump(), history=HistoryConfig(enabled=False))
+        )
+        decisions, compensation = self.decide(pruner, calibration)
+        self.pruned_model = copy.deepcopy(model)
+        groups = [
+            dataclasses.replace(group, layer=self.pruned_model.model.layers[group.layer_index])
+            for group in pruner.groups
+        ]
+        apply_decisions(self.pruned_model, groups, decisions, compensation)
+
+    def forward(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.pruned_model(input_ids, use_cache=False).logits
+
+    def batch_flops(self, model: nn.Module, batch: int, length: int) -> int:
+        return model_flops(self.pruned_model, batch, length)
+
+
+class RandomConfig(StaticConfig):
+    """Uniformly random heads and channels, one seeded keep-set per layer: the floor to beat."""
 
     name: Literal["random"] = "random"
     seed: int = Field(0, description="seed of the random keep-sets")
-    history: HistoryConfig = Field(default_factory=lambda: HistoryConfig(enabled=False, update="none"))
 
 
-class RandomMethod(ProbeMethod):
-    """Random structured pruning with the same layers, ratios and rounding as PP."""
-
+class RandomMethod(StaticMethod):
     name = "random"
 
-    def _pruner_config(self) -> ProbePruningConfig:
-        return ProbePruningConfig(**self.config.model_dump(exclude={"name", "seed"}))
+    def decide(self, pruner: ProbePruner, calibration: Calibration):
+        return pruner.random_decisions(self.config.seed), None
 
-    def prepare(self, model: nn.Module, calibration: Calibration) -> None:
-        self.pruner = ProbePruner(model, self._pruner_config())
-        self.pruner.fix_decisions(self.pruner.random_decisions(self.config.seed))
+
+class WandaSpConfig(StaticConfig):
+    """Wanda-sp: ``sum_i |W_ij| * sqrt(mean x_j**2)`` from calibration, uniform ratio, no bias."""
+
+    name: Literal["wanda-sp"] = "wanda-sp"
+
+
+class WandaSpMethod(StaticMethod):
+    name = "wanda-sp"
+
+    def decide(self, pruner: ProbePruner, calibration: Calibration):
+        scores = wanda_sp_scores(pruner, calibration.history(pruner.model, pruner))
+        return uniform_decisions(pruner, scores), None
+
+
+class FlapConfig(StaticConfig):
+    """FLAP: fluctuation score, per-layer standardisation, one global threshold, bias compensation."""
+
+    name: Literal["flap"] = "flap"
+    bias_compensation: bool = Field(True, description="add the pruned channels' mean output to the bias")
+
+
+class FlapMethod(StaticMethod):
+    name = "flap"
+
+    def decide(self, pruner: ProbePruner, calibration: Calibration):
+        decisions, compensation = flap_decisions(pruner, calibration.history(pruner.model, pruner))
+        return decisions, compensation if self.config.bias_compensation else None
+
+
+class MagnitudeConfig(StaticConfig):
+    """torch-pruning's GroupMagnitudeImportance (L2 over each coupled group), uniform ratio."""
+
+    name: Literal["magnitude"] = "magnitude"
+
+
+class MagnitudeMethod(StaticMethod):
+    name = "magnitude"
+
+    def decide(self, pruner: ProbePruner, calibration: Calibration):
+        return uniform_decisions(pruner, magnitude_scores(pruner)), None
+
+
+class TaylorConfig(StaticConfig):
+    """torch-pruning's GroupTaylorImportance with gradients of the calibration loss, uniform ratio."""
+
+    name: Literal["taylor"] = "taylor"
+    gradient_batches: int = Field(4, ge=1, description="calibration batches whose loss gradients are summed")
+
+
+class TaylorMethod(StaticMethod):
+    name = "taylor"
+
+    def decide(self, pruner: ProbePruner, calibration: Calibration):
+        scores = taylor_scores(pruner, calibration.windows, calibration.batch_size, self.config.gradient_batches)
+        return uniform_decisions(pruner, scores), None
+
+
+class ProbeSnapshotConfig(StaticConfig):
+    """The PP score on calibration history alone: one static keep-set per layer, no probe."""
+
+    name: Literal["probe-snapshot"] = "probe-snapshot"
+
+
+class ProbeSnapshotMethod(StaticMethod):
+    name = "probe-snapshot"
+
+    def decide(self, pruner: ProbePruner, calibration: Calibration):
+        scores = probe_snapshot_scores(pruner, calibration.history(pruner.model, pruner))
+        return uniform_decisions(pruner, scores), None
 
 
 #: Method name to (recipe configuration class, implementation class).
@@ -194,6 +313,11 @@ METHODS: dict[str, tuple[type[BaseModel], type[PruningMethod]]] = {
     "probe": (ProbeMethodConfig, ProbeMethod),
     "full-batch-probe": (FullBatchProbeConfig, FullBatchProbeMethod),
     "random": (RandomConfig, RandomMethod),
+    "probe-snapshot": (ProbeSnapshotConfig, ProbeSnapshotMethod),
+    "wanda-sp": (WandaSpConfig, WandaSpMethod),
+    "flap": (FlapConfig, FlapMethod),
+    "magnitude": (MagnitudeConfig, MagnitudeMethod),
+    "taylor": (TaylorConfig, TaylorMethod),
 }
 
 

@@ -25,7 +25,7 @@ class ProbeConfig(BaseModel):
     those of Probe Pruning (Le et al., ICLR 2025).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     sample_ratio: float = Field(0.05, gt=0, le=1, description="share of the batch's samples in the probe")
     token_ratio: float = Field(0.5, gt=0, le=1, description="share of the batch's positions in the probe")

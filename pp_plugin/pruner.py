@@ -33,10 +33,10 @@ from .runtime import LayerDecision, PrunedLayerRuntime, RuntimeCounters, SubBloc
 logger = logging.getLogger(__name__)
 
 
-class ProbePruningConfig(BaseModel):
-    """Settings of Probe Pruning; the defaults follow the paper (Le et al., ICLR 2025)."""
+class StructureConfig(BaseModel):
+    """What is pruned and how much: shared by Probe Pruning and the static baselines."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     pruning_ratio: float = Field(0.4, ge=0, lt=1, description="share of heads and MLP channels removed model-wide")
     skip_layers: list[int] = Field(
@@ -47,11 +47,6 @@ class ProbePruningConfig(BaseModel):
     round_to: int = Field(
         64, ge=1, description="kept MLP width is rounded up to a multiple of this (GEMM-friendly width)"
     )
-    full_batch: bool = Field(
-        False, description="probe the whole batch (full-batch probing, the quality upper bound)"
-    )
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
-    history: HistoryConfig = Field(default_factory=HistoryConfig)
 
     @field_validator("skip_layers")
     @classmethod
@@ -59,6 +54,16 @@ class ProbePruningConfig(BaseModel):
         if any(layer < 0 for layer in layers):
             raise ValueError(f"layer indices must be >= 0, got {layers}")
         return sorted(set(layers))
+
+
+class ProbePruningConfig(StructureConfig):
+    """Settings of Probe Pruning; the defaults follow the paper (Le et al., ICLR 2025)."""
+
+    full_batch: bool = Field(
+        False, description="probe the whole batch (full-batch probing, the quality upper bound)"
+    )
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
 
 
 def layer_pruning_ratio(ratio: float, num_layers: int, skipped: int) -> float:

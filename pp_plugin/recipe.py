@@ -15,8 +15,9 @@ A recipe is a YAML mapping::
       name: probe                # a name from pp_plugin.methods.METHODS
       pruning_ratio: 0.4
 
-Unknown keys, wrong types and out-of-range values raise :class:`RecipeError`
-with the key path, the value and what is allowed. ``--set KEY=VALUE``
+Unknown keys, wrong types (strictly: ``true`` is no number, ``2.0`` no
+integer) and out-of-range values raise :class:`RecipeError` with the key path,
+the value and what is allowed. ``--set KEY=VALUE``
 overrides (see :func:`apply_overrides`) are applied before validation.
 """
 
@@ -41,7 +42,7 @@ MethodConfig = Annotated[
 class DataConfig(BaseModel):
     """Source, size and batching of the calibration and test windows."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset: str = Field("brown", description="brown, wikitext2, or text:PATH for a local UTF-8 file")
     calibration_split: str = Field("calibration", description="split used to collect calibration history")
@@ -56,14 +57,27 @@ class DataConfig(BaseModel):
     seed: int = Field(0, description="seed of random window sampling")
 
 
+PruningRatio = Annotated[float, Field(ge=0, lt=1)]
+
+
+class CompareConfig(BaseModel):
+    """Methods and pruning ratios that ``pp-prune compare`` evaluates side by side."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    methods: list[MethodConfig] = Field(min_length=1, description="methods; each runs at every ratio")
+    pruning_ratios: list[PruningRatio] = Field(min_length=1, description="pruning ratios in [0, 1)")
+
+
 class Recipe(BaseModel):
     """A validated recipe."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field("smollm2-135m", description="embedded model name, local folder or hub id")
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=lambda: METHODS["probe"][0]())
+    compare: CompareConfig | None = Field(None, description="methods and ratios for pp-prune compare")
 
 
 def _parse_scalar(text: str) -> Any:
@@ -100,23 +114,28 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _allowed_keys(raw: Any, location: tuple) -> list[str]:
     """Return the keys allowed in the mapping at ``location`` of the recipe."""
-    model: type[BaseModel] | None = Recipe
+    sections = {"data": DataConfig, "compare": CompareConfig}
     node = raw
+    model: type[BaseModel] | None = Recipe
     for part in location:
-        if model is None:
-            return []
-        field = model.model_fields.get(part)
-        node = node.get(part) if isinstance(node, dict) else None
-        if field is None:
-            return []
-        annotation = field.annotation
-        if part == "method" and isinstance(node, dict):
-            model = METHODS.get(node.get("name"), (None,))[0]
-        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        node = node[part] if isinstance(node, (dict, list)) and _has(node, part) else None
+        if part == "method" or (isinstance(part, int) and location[:1] == ("compare",)):
+            model = METHODS.get(node.get("name"), (None,))[0] if isinstance(node, dict) else None
+        elif part in ("probe", "history") and model is not None and part in model.model_fields:
+            model = model.model_fields[part].annotation
+        elif part in sections:
+            model = sections[part]
+        elif part == "methods":
             model = None
-    return sorted(model.model_fields) if model is not None else []
+        else:
+            return []
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _has(node: dict | list, part: Any) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(part, int) and 0 <= part < len(node)
 
 
 def _without_union_tags(location: tuple) -> tuple:
@@ -146,6 +165,8 @@ def _format_errors(error: ValidationError, raw: dict, source: str) -> str:
                 f"{path}.name: unknown method name {item['input'].get('name')!r}; "
                 f"valid names are: {', '.join(sorted(METHODS))}"
             )
+        elif item["type"] == "missing":
+            lines.append(f"{path}: missing required key")
         elif item["type"] == "union_tag_not_found":
             lines.append(f"{path}.name: missing; valid names are: {', '.join(sorted(METHODS))}")
         else:
@@ -172,6 +193,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} not found; pass the path of a YAML recipe, e.g. recipes/smollm2-probe.yaml.") from None
+    except OSError as error:
+        raise RecipeError(f"recipe file {path} cannot be read ({error.strerror}); pass the path of a readable YAML file.") from None
     except (UnicodeDecodeError, yaml.YAMLError) as error:
         raise RecipeError(f"recipe file {path} is not valid UTF-8 YAML: {error}") from None
     if raw is None:
