@@ -155,7 +155,7 @@ def _summarise(methods: list[PruningMethod], tallies: dict[int, _Tally]) -> list
     results = []
     for method in methods:
         tally = tallies[id(method)]
-        result = MethodResult(method=method.name, pruning_ratio=method.pruning_ratio, error=tally.error)
+        result = MethodResult(method=method.label, pruning_ratio=method.pruning_ratio, error=tally.error)
         if tally.error is None and tally.tokens:
             latency = statistics.median(tally.seconds)
             result.perplexity = math.exp(tally.negative_log_likelihood / tally.tokens)

@@ -37,11 +37,13 @@ def prepare_windows(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tens
     """Return the ``[N, T]`` calibration and test windows of the recipe's data."""
     data = recipe.data
     windows = []
-    for split, count in ((data.calibration_split, data.calibration_windows), (data.test_split, data.test_windows)):
+    splits = (
+        (data.calibration_split, data.calibration_windows, data.calibration_sampling),
+        (data.test_split, data.test_windows, data.test_sampling),
+    )
+    for split, count, sampling in splits:
         text = load_text(data.dataset, split)
-        windows.append(
-            token_windows(tokenizer, text, data.seq_len, count, seed=data.seed, sampling=data.sampling)
-        )
+        windows.append(token_windows(tokenizer, text, data.seq_len, count, seed=data.seed, sampling=sampling))
         logger.info("%s split %r: %d windows of %d tokens", data.dataset, split, count, data.seq_len)
     return windows[0], windows[1]
 
@@ -67,7 +69,7 @@ def open_workspace(recipe: Recipe) -> Workspace:
         "split": data.calibration_split,
         "seq_len": data.seq_len,
         "windows": data.calibration_windows,
-        "sampling": data.sampling,
+        "sampling": data.calibration_sampling,
         "seed": data.seed,
         "batch_size": data.batch_size,
         "token_id_sum": int(calibration_windows.sum()),  # changes when the text or tokenizer changes

@@ -69,7 +69,7 @@ class ChannelHistory:
     def at_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Return ``H`` at absolute ``positions`` (any shape), clamped to the calibrated length."""
         clamped = positions.clamp(max=self.max_length - 1)
-        return self.squared_mean[clamped]
+        return self.squared_mean.index_select(0, clamped.flatten()).view(*clamped.shape, -1)
 
     def update(
         self,
@@ -93,16 +93,19 @@ class ChannelHistory:
         if not bool(seen.any()):
             return
         rows = seen.nonzero().squeeze(1)
-        batch_mean = squared_sums[rows] / counts[rows].unsqueeze(1)
-        old = self.squared_mean[rows][:, channels]
+        # index_select/index_copy_ instead of advanced indexing: several times faster on CPU.
+        block = self.squared_mean.index_select(0, rows)
+        old = block.index_select(1, channels)
+        batch_mean = squared_sums.index_select(0, rows) / counts.index_select(0, rows).unsqueeze(1)
         if mode == "ema":
             new = ema_decay * old + (1 - ema_decay) * batch_mean
         else:
-            previous = self.count[rows].unsqueeze(1).to(old.dtype)
-            added = counts[rows].unsqueeze(1).to(old.dtype)
-            new = (old * previous + squared_sums[rows]) / (previous + added)
-            self.count[rows] += counts[rows].to(self.count.dtype)
-        self.squared_mean[rows.unsqueeze(1), channels.unsqueeze(0)] = new.to(self.squared_mean.dtype)
+            previous = self.count.index_select(0, rows).unsqueeze(1).to(old.dtype)
+            added = counts.index_select(0, rows).unsqueeze(1).to(old.dtype)
+            new = (old * previous + squared_sums.index_select(0, rows)) / (previous + added)
+            self.count.index_add_(0, rows, counts.index_select(0, rows).to(self.count.dtype))
+        block.index_copy_(1, channels, new.to(block.dtype))
+        self.squared_mean.index_copy_(0, rows, block)
 
 
 @dataclass

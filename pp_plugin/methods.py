@@ -73,6 +73,11 @@ class PruningMethod(abc.ABC):
         self.config = config
 
     @property
+    def label(self) -> str:
+        """Name of the method's rows in result tables: the configured label, else the method name."""
+        return getattr(self.config, "label", None) or self.name
+
+    @property
     def pruning_ratio(self) -> float:
         return getattr(self.config, "pruning_ratio", 0.0)
 
@@ -105,6 +110,7 @@ class DenseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Literal["dense"] = "dense"
+    label: str | None = Field(None, description="name shown in result tables instead of the method name")
 
 
 class DenseMethod(PruningMethod):

@@ -47,6 +47,7 @@ class StructureConfig(BaseModel):
     round_to: int = Field(
         64, ge=1, description="kept MLP width is rounded up to a multiple of this (GEMM-friendly width)"
     )
+    label: str | None = Field(None, description="name shown in result tables instead of the method name")
 
     @field_validator("skip_layers")
     @classmethod

@@ -51,8 +51,13 @@ class DataConfig(BaseModel):
     calibration_windows: int = Field(64, ge=1, description="number of calibration windows")
     test_windows: int = Field(16, ge=1, description="number of test windows")
     batch_size: int = Field(8, ge=1, description="windows per forward pass, for calibration and test")
-    sampling: Literal["contiguous", "random"] = Field(
-        "contiguous", description="contiguous non-overlapping windows, or random seeded start positions"
+    calibration_sampling: Literal["contiguous", "random"] = Field(
+        "random", description="calibration windows: random seeded start positions over the whole split, "
+        "or contiguous non-overlapping windows from its start"
+    )
+    test_sampling: Literal["contiguous", "random"] = Field(
+        "contiguous", description="test windows: contiguous non-overlapping windows from the split's start, "
+        "or random seeded start positions"
     )
     seed: int = Field(0, description="seed of random window sampling")
 

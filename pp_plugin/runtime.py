@@ -103,7 +103,11 @@ def _causal_probe_mask(positions: torch.Tensor, real: torch.Tensor) -> torch.Ten
 
 
 class PrunedLayerRuntime:
-    """Replaces one decoder layer's forward with the per-batch pruned forward."""
+    """Replaces one decoder layer's forward with the per-batch pruned forward.
+
+    Weights are gathered with ``index_select``, which on CPU (torch 2.13) is
+    several times faster than advanced indexing for column gathers.
+    """
 
     def __init__(
         self,
@@ -270,9 +274,9 @@ class PrunedLayerRuntime:
         q_rows = layout.q_rows.to(heads.device)[heads].flatten()
         kv_rows = layout.kv_rows.to(heads.device)[kv_heads].flatten()
         o_cols = layout.o_cols.to(heads.device)[heads].flatten()
-        query = F.linear(normed, attention.q_proj.weight[q_rows], _rows(attention.q_proj.bias, q_rows))
-        key = F.linear(normed, attention.k_proj.weight[kv_rows], _rows(attention.k_proj.bias, kv_rows))
-        value = F.linear(normed, attention.v_proj.weight[kv_rows], _rows(attention.v_proj.bias, kv_rows))
+        query = F.linear(normed, attention.q_proj.weight.index_select(0, q_rows), _rows(attention.q_proj.bias, q_rows))
+        key = F.linear(normed, attention.k_proj.weight.index_select(0, kv_rows), _rows(attention.k_proj.bias, kv_rows))
+        value = F.linear(normed, attention.v_proj.weight.index_select(0, kv_rows), _rows(attention.v_proj.bias, kv_rows))
         num_heads, num_kv = heads.numel(), kv_heads.numel()
         query = query.view(batch, length, num_heads, layout.head_dim).transpose(1, 2)
         key = key.view(batch, length, num_kv, layout.head_dim).transpose(1, 2)
@@ -292,7 +296,7 @@ class PrunedLayerRuntime:
             query, key, value, attn_mask=mask, is_causal=causal, scale=attention.scaling
         )
         context = context.transpose(1, 2).reshape(batch, length, num_heads * layout.head_dim)
-        output = F.linear(context, attention.o_proj.weight[:, o_cols], attention.o_proj.bias)
+        output = F.linear(context, attention.o_proj.weight.index_select(1, o_cols), attention.o_proj.bias)
 
         self.counters.dense_flops += attention_block_flops(
             batch, length, key_length, hidden, layout.num_heads, layout.num_kv_heads, layout.head_dim
@@ -343,10 +347,10 @@ class PrunedLayerRuntime:
         gate_rows = layout.gate_rows.to(device)[channels]
         up_rows = layout.up_rows.to(device)[channels]
         down_cols = layout.down_cols.to(device)[channels]
-        gate = F.linear(normed, mlp.gate_proj.weight[gate_rows], _rows(mlp.gate_proj.bias, gate_rows))
-        up = F.linear(normed, mlp.up_proj.weight[up_rows], _rows(mlp.up_proj.bias, up_rows))
+        gate = F.linear(normed, mlp.gate_proj.weight.index_select(0, gate_rows), _rows(mlp.gate_proj.bias, gate_rows))
+        up = F.linear(normed, mlp.up_proj.weight.index_select(0, up_rows), _rows(mlp.up_proj.bias, up_rows))
         activation = mlp.act_fn(gate) * up
-        output = F.linear(activation, mlp.down_proj.weight[:, down_cols], mlp.down_proj.bias)
+        output = F.linear(activation, mlp.down_proj.weight.index_select(1, down_cols), mlp.down_proj.bias)
 
         tokens = normed.shape[0] * normed.shape[1]
         self.counters.dense_flops += mlp_block_flops(tokens, normed.shape[-1], layout.num_channels)
@@ -389,7 +393,7 @@ class PrunedLayerRuntime:
 
 
 def _rows(bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
-    return None if bias is None else bias[rows]
+    return None if bias is None else bias.index_select(0, rows)
 
 
 def _sdpa_mask(

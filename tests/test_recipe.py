@@ -65,7 +65,8 @@ def test_defaults_from_empty_mapping(raw):
     assert recipe.data.calibration_windows == 64
     assert recipe.data.test_windows == 16
     assert recipe.data.batch_size == 8
-    assert recipe.data.sampling == "contiguous"
+    assert recipe.data.calibration_sampling == "random"
+    assert recipe.data.test_sampling == "contiguous"
     assert recipe.data.seed == 0
     assert recipe.method.name == "probe"
     assert recipe.method.pruning_ratio == 0.4
@@ -292,7 +293,7 @@ def test_unknown_data_key():
 
     assert "data.seq_length: unknown key" in message
     assert f"allowed keys here: {key_list(DataConfig)}" in message
-    for key in ("batch_size", "calibration_windows", "dataset", "seq_len", "test_windows", "sampling", "seed"):
+    for key in ("batch_size", "calibration_windows", "dataset", "seq_len", "test_windows", "calibration_sampling", "test_sampling", "seed"):
         assert key in message
 
 
@@ -325,7 +326,7 @@ def test_dense_method_rejects_ratio():
     message = recipe_error({"method": {"name": "dense", "pruning_ratio": 0.2}})
 
     assert "method.pruning_ratio: unknown key" in message
-    assert "allowed keys here: name" in message
+    assert "allowed keys here: label, name" in message
 
 
 def test_wrong_type_string_for_int():
@@ -359,9 +360,9 @@ def test_wrong_type_number_for_model():
 
 
 def test_wrong_literal_lists_choices():
-    message = recipe_error({"data": {"sampling": "shuffled"}})
+    message = recipe_error({"data": {"test_sampling": "shuffled"}})
 
-    assert "data.sampling: 'shuffled' is invalid" in message
+    assert "data.test_sampling: 'shuffled' is invalid" in message
     assert "'contiguous' or 'random'" in message
 
 
