@@ -21,19 +21,30 @@ from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
-#: Two-sided 95% quantile of the standard normal distribution.
-Z_95 = 1.959964
+#: Two-sided 95% quantiles of Student's t distribution by degrees of freedom (standard tables).
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def t_quantile_95(degrees_of_freedom: int) -> float:
+    """Return the two-sided 95% t quantile for the largest tabulated degrees of freedom not above the given.
+
+    Rounding the degrees of freedom down gives a slightly wider, conservative interval.
+    """
+    below = [tabulated for tabulated in T_95 if tabulated <= degrees_of_freedom]
+    return T_95[max(below)] if below else T_95[1]
 
 
 @dataclass
 class ComparisonRow:
     """One method at one ratio, with spread and cost relative to dense.
 
-    ``perplexity_ci95`` is a normal-approximation 95% interval of the perplexity
-    from the spread of per-batch log-perplexities. ``ratio_to_dense_ci95`` is
-    the same interval for ``perplexity / dense perplexity``, paired batch by
-    batch, so batch difficulty cancels out. ``prr`` is
-    ``(ppl - ppl_dense) / (1 - latency_ratio)``, None when latency does not drop.
+    ``perplexity_ci95`` is a 95% t interval of the perplexity from the spread
+    of per-window log-perplexities (per-batch ones when windows are missing).
+    ``ratio_to_dense_ci95`` is the same interval for ``perplexity / dense
+    perplexity``, paired window by window, so each window's difficulty cancels
+    out. ``perplexity_std`` is the standard deviation of per-window perplexities.
+    ``prr`` is ``(ppl - ppl_dense) / (1 - latency_ratio)``, None when latency does not drop.
     """
 
     method: str
@@ -50,6 +61,7 @@ class ComparisonRow:
     probe_flops_share: float | None
     probe_time_share: float | None
     tokens: int
+    window_perplexities: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -70,20 +82,20 @@ def _log_interval(values: list[float]) -> list[float] | None:
     if len(values) < 2:
         return None
     mean = statistics.fmean(values)
-    half_width = Z_95 * statistics.stdev(values) / math.sqrt(len(values))
+    half_width = t_quantile_95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return [math.exp(mean - half_width), math.exp(mean + half_width)]
 
 
 def summarise_row(result: MethodResult, dense: MethodResult | None) -> ComparisonRow:
     """Return the comparison row of ``result``, with spread and costs relative to ``dense``."""
     ok = result.error is None and result.tokens > 0
-    logs = [math.log(value) for value in result.batch_perplexities] if ok else []
+    samples = (result.window_perplexities or result.batch_perplexities) if ok else []
+    logs = [math.log(value) for value in samples]
     dense_ok = dense is not None and dense.error is None and dense.tokens > 0
     paired = None
-    if ok and dense_ok and len(dense.batch_perplexities) == len(result.batch_perplexities):
-        paired = _log_interval(
-            [math.log(a) - math.log(b) for a, b in zip(result.batch_perplexities, dense.batch_perplexities)]
-        )
+    dense_samples = (dense.window_perplexities or dense.batch_perplexities) if dense_ok else []
+    if ok and dense_ok and len(dense_samples) == len(samples):
+        paired = _log_interval([math.log(a) - math.log(b) for a, b in zip(samples, dense_samples)])
     increase = result.perplexity - dense.perplexity if ok and dense_ok else None
     prr = None
     if increase is not None and result.latency_ratio is not None and result.latency_ratio < 1:
@@ -92,7 +104,7 @@ def summarise_row(result: MethodResult, dense: MethodResult | None) -> Compariso
         method=result.method,
         pruning_ratio=result.pruning_ratio,
         perplexity=result.perplexity if ok else None,
-        perplexity_std=statistics.stdev(result.batch_perplexities) if len(logs) > 1 else None,
+        perplexity_std=statistics.stdev(samples) if len(samples) > 1 else None,
         perplexity_ci95=_log_interval(logs),
         perplexity_increase=increase,
         ratio_to_dense_ci95=paired,
@@ -103,6 +115,7 @@ def summarise_row(result: MethodResult, dense: MethodResult | None) -> Compariso
         probe_flops_share=result.probe_flops_share,
         probe_time_share=result.probe_time_share,
         tokens=result.tokens,
+        window_perplexities=samples,
         error=result.error,
     )
 

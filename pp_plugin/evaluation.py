@@ -31,7 +31,8 @@ class MethodResult:
     """Measurements of one method on the test windows.
 
     Ratios are relative to the ``dense`` method of the same run (None without
-    one). ``batch_perplexities`` contains one perplexity per test batch, for spread.
+    one). ``batch_perplexities`` and ``window_perplexities`` contain one
+    perplexity per test batch and per test window, for spread.
     """
 
     method: str
@@ -44,6 +45,7 @@ class MethodResult:
     probe_flops_share: float | None = None
     probe_time_share: float | None = None
     batch_perplexities: list[float] = field(default_factory=list)
+    window_perplexities: list[float] = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -64,6 +66,7 @@ class _Tally:
     probe_seconds: float = 0.0
     seconds: list[float] = field(default_factory=list)
     batch_perplexities: list[float] = field(default_factory=list)
+    window_perplexities: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -74,11 +77,21 @@ def batch_negative_log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor)
     return float(F.cross_entropy(predictions, targets, reduction="sum")), targets.numel()
 
 
+def window_negative_log_likelihoods(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Return the ``[B]`` summed next-token NLL (nats) of each window of a batch."""
+    predictions = logits[:, :-1].float()
+    targets = input_ids[:, 1:].to(predictions.device)
+    losses = F.cross_entropy(predictions.flatten(0, 1), targets.flatten(), reduction="none")
+    return losses.view(targets.shape).sum(dim=1)
+
+
 def _run_batch(method: PruningMethod, model: nn.Module, batch: torch.Tensor, tally: _Tally) -> None:
     started = time.perf_counter()
     logits = method.forward(model, batch)
     tally.seconds.append(time.perf_counter() - started)
-    nll, tokens = batch_negative_log_likelihood(logits, batch)
+    windows = window_negative_log_likelihoods(logits, batch)
+    nll, tokens = float(windows.sum()), batch.shape[0] * (batch.shape[1] - 1)
+    tally.window_perplexities += [math.exp(value / (batch.shape[1] - 1)) for value in windows.tolist()]
     tally.negative_log_likelihood += nll
     tally.tokens += tokens
     tally.batch_perplexities.append(math.exp(nll / tokens))
@@ -164,6 +177,7 @@ def _summarise(methods: list[PruningMethod], tallies: dict[int, _Tally]) -> list
             result.flops_ratio = tally.flops / tally.dense_flops
             result.tokens = tally.tokens
             result.batch_perplexities = tally.batch_perplexities
+            result.window_perplexities = tally.window_perplexities
             if tally.probe_flops:
                 result.probe_flops_share = tally.probe_flops / tally.flops
                 result.probe_time_share = tally.probe_seconds / sum(tally.seconds)

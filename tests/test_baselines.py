@@ -142,3 +142,26 @@ def test_comparison_row_of_failed_method():
     assert row.error == "RuntimeError: boom"
     assert row.perplexity is None
     assert row.prr is None
+
+
+def test_t_quantile_table():
+    from pp_plugin.comparison import t_quantile_95
+
+    assert t_quantile_95(1) == 12.706
+    assert t_quantile_95(7) == 2.365
+    assert t_quantile_95(11) == 2.228  # degrees of freedom rounded down: a wider interval
+    assert t_quantile_95(500) == 1.980
+
+
+def test_magnitude_keeps_large_weight_channels(tiny_llama, token_ids):
+    model = tiny_llama(4, 4)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.down_proj.weight[:, 5] *= 100
+        mlp.gate_proj.weight[7] *= 0.0
+        mlp.up_proj.weight[7] *= 0.0
+        mlp.down_proj.weight[:, 7] *= 0.0
+    pruner = ProbePruner(model, ProbePruningConfig(pruning_ratio=0.4, skip_layers=[0], round_to=8))
+    decision = uniform_decisions(pruner, magnitude_scores(pruner))[1]
+    assert 5 in decision.channels.tolist()
+    assert 7 not in decision.channels.tolist()

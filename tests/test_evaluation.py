@@ -311,3 +311,17 @@ def test_to_dict_is_strict_json():
     text = json.dumps(result.to_dict(), allow_nan=False)
 
     assert json.loads(text)["error"] == "RuntimeError: boom"
+
+
+def test_window_nll_sums_to_batch_nll():
+    from pp_plugin.evaluation import window_negative_log_likelihoods
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, 11, generator=generator)
+    input_ids = torch.randint(0, 11, (3, 6), generator=generator)
+    windows = window_negative_log_likelihoods(logits, input_ids)
+    nll, _ = batch_negative_log_likelihood(logits, input_ids)
+    assert windows.shape == (3,)
+    assert float(windows.sum()) == pytest.approx(nll, rel=1e-5)
+    single, _ = batch_negative_log_likelihood(logits[1:2], input_ids[1:2])
+    assert float(windows[1]) == pytest.approx(single, rel=1e-5)
