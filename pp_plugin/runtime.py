@@ -45,7 +45,9 @@ class LayerDecision:
 
 @dataclass
 class RuntimeCounters:
-    """FLOPs and wall time spent by the pruned layers since the last reset.
+    """FLOPs, wall time and kept widths of the pruned layers since the last reset.
+
+    The ``kept_*`` lists get one entry per pruned layer and prefill forward.
 
     ``dense_flops`` is what the same layers would cost at full width, so the
     model's pruned FLOPs are its dense FLOPs minus ``dense_flops`` plus
@@ -56,8 +58,8 @@ class RuntimeCounters:
     kept_flops: int = 0
     probe_flops: int = 0
     probe_seconds: float = 0.0
-    batches: int = 0
     kept_heads: list = field(default_factory=list)
+    kept_kv_heads: list = field(default_factory=list)
     kept_channels: list = field(default_factory=list)
 
     def reset(self) -> None:
@@ -306,6 +308,7 @@ class PrunedLayerRuntime:
         )
         if prefill:
             self.counters.kept_heads.append(num_heads)
+            self.counters.kept_kv_heads.append(num_kv)
             self._update_history(self.attention_history, context, o_cols, padding_mask, positions)
         return output
 
