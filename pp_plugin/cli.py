@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .experiment import Report, open_workspace, run_evaluation
 from .methods import METHODS, StaticMethod, create_method
 from .models import ensure_embedded_model
 from .static import check_output_dir, save_pruned
+from .tables import render_table
 from .recipe import load_recipe
 
 logger = logging.getLogger(__name__)
@@ -42,22 +42,10 @@ TABLE_COLUMNS = (
 
 def format_table(report: Report) -> str:
     """Return the results as an aligned plain-text table, with errors below it."""
-    header = [title for _, title, _ in TABLE_COLUMNS]
-    rows = []
-    for result in report.results:
-        row = []
-        for key, _, pattern in TABLE_COLUMNS:
-            value = getattr(result, key)
-            missing = value is None or (isinstance(value, float) and math.isnan(value))
-            row.append("-" if missing else pattern.format(value))
-        rows.append(row)
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    for result in report.results:
-        if result.error:
-            lines.append(f"{result.method} at {result.pruning_ratio}: failed: {result.error}")
-    return "\n".join(lines)
+    failures = [
+        f"{result.method} at {result.pruning_ratio}: failed: {result.error}" for result in report.results if result.error
+    ]
+    return render_table(report.results, TABLE_COLUMNS, failures)
 
 
 def _check_output_path(path: Path | None, force: bool) -> None:

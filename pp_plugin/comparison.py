@@ -18,6 +18,7 @@ from .evaluation import MethodResult
 from .experiment import open_workspace, run_methods
 from .methods import create_method
 from .recipe import Recipe
+from .tables import render_table
 
 logger = logging.getLogger(__name__)
 
@@ -162,16 +163,8 @@ COLUMNS = (
 
 def format_comparison(report: ComparisonReport) -> str:
     """Return the rows as an aligned plain-text table, with failed methods below it."""
-    header = [title for _, title, _ in COLUMNS]
-    table = [header]
-    for row in report.rows:
-        table.append(["-" if getattr(row, key) is None else pattern.format(getattr(row, key))
-                      for key, _, pattern in COLUMNS])
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    lines += [f"{row.method} at {row.pruning_ratio:.2f}: failed: {row.error}" for row in report.rows if row.error]
-    return "\n".join(lines)
+    failures = [f"{row.method} at {row.pruning_ratio:.2f}: failed: {row.error}" for row in report.rows if row.error]
+    return render_table(report.rows, COLUMNS, failures)
 
 
 def plot_comparison(report: ComparisonReport, path: Path) -> None:
