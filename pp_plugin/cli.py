@@ -49,6 +49,8 @@ def format_table(report: Report) -> str:
 
 
 def _check_output_path(path: Path | None, force: bool) -> None:
+    if path is not None and path.is_dir():
+        raise PPPluginError(f"{path} is a folder; pass a file path for the output.")
     if path is not None and path.exists() and not force:
         raise PPPluginError(f"{path} already exists; choose another path or pass --force to overwrite it.")
 
@@ -140,7 +142,8 @@ def _apply(recipe, output: Path, force: bool) -> None:
     if not isinstance(method, StaticMethod):
         static_names = sorted(name for name, (_, cls) in METHODS.items() if issubclass(cls, StaticMethod))
         raise RecipeError(
-            f"method {recipe.method.name!r} prunes per batch and has no single pruned model to save; "
+            f"method {recipe.method.name!r} has no single pruned model to save (dense prunes nothing, "
+            f"probe and full-batch-probe prune per batch); "
             f"set method.name to a static method: {', '.join(static_names)}."
         )
     check_output_dir(output, force)

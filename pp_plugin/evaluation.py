@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import CacheError, PPPluginError
+from .errors import PPPluginError
 from .flops import dense_model_flops
 from .methods import Calibration, PruningMethod
 
@@ -131,8 +131,8 @@ def evaluate_methods(
     for method in methods:
         try:
             method.prepare(model, calibration)
-        except CacheError:
-            raise  # a damaged cache concerns every method, and the user must act on it
+        except PPPluginError:
+            raise  # invalid settings, models or caches: the user must act, so the run stops
         except Exception as error:  # reported in the method's row; the run goes on
             logger.exception("method %s failed while preparing", method.name)
             tallies[id(method)].error = f"{type(error).__name__}: {error}"

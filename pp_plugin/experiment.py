@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from .data import load_text, token_windows
+from .errors import AssetError
+from .graph import decoder_layers
 from .evaluation import MethodResult, evaluate_methods
 from .methods import Calibration, PruningMethod, create_method
 from .models import load_model, model_fingerprint
@@ -61,7 +63,14 @@ class Workspace:
 def open_workspace(recipe: Recipe) -> Workspace:
     """Load the recipe's model and data and describe its calibration for the history cache."""
     model, tokenizer = load_model(recipe.model)
+    decoder_layers(model)  # rejects an unsupported architecture before any data is read
     calibration_windows, test_windows = prepare_windows(recipe, tokenizer)
+    largest_id = int(max(calibration_windows.max(), test_windows.max()))
+    if largest_id >= model.config.vocab_size:
+        raise AssetError(
+            f"the tokenizer of {recipe.model!r} produced token id {largest_id}, but the model's vocabulary "
+            f"has {model.config.vocab_size} entries; save the model and its own tokenizer in one folder."
+        )
     data = recipe.data
     cache_key = {
         "model": model_fingerprint(model),

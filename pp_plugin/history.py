@@ -146,11 +146,11 @@ class CalibrationHistory:
             attention = {int(k): ChannelHistory(**v) for k, v in payload["attention"].items()}
             mlp = {int(k): ChannelHistory(**v) for k, v in payload["mlp"].items()}
         except Exception as error:  # torch.load raises many types on a damaged file
-            # torch's own message suggests weights_only=False, which is wrong advice here.
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            # torch's own message advises weights_only=False, which is unsafe and wrong here,
+            # so only the exception type is shown; the chained exception keeps the details.
             raise CacheError(
-                f"calibration history cache {path} is unreadable or corrupt ({type(error).__name__}: "
-                f"{first_line[:200]}); delete the file and run again to recalibrate."
+                f"calibration history cache {path} is unreadable or corrupt ({type(error).__name__}); "
+                "delete the file and run again to recalibrate."
             ) from error
         if version != HISTORY_FORMAT_VERSION:
             raise CacheError(

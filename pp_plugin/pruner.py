@@ -140,7 +140,7 @@ class ProbePruner(tp.pruner.BasePruner):
         self._hook = None
         self._padding_mask: torch.Tensor | None = None
         logger.info(
-            "Probe Pruning: %d of %d layers pruned at per-layer ratio %.2f, keeping %d/%d heads "
+            "%d of %d layers pruned at per-layer ratio %.2f; uniform keep counts %d/%d heads "
             "and %d/%d MLP channels",
             len(self.pruned_layers), len(layers), self.layer_ratio, self.settings.kept_heads,
             attention.num_heads, self.settings.kept_channels, mlp.num_channels,

@@ -134,5 +134,59 @@ def test_apply_rejects_dynamic_method(compare_assets, tmp_path, monkeypatch):
         "apply", str(recipe), "--output", str(tmp_path / "out"), "--set", "method.name=probe",
     ])
     assert code == 2
-    assert "prunes per batch" in stderr
+    assert "prune per batch" in stderr
     assert "probe-snapshot" in stderr
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(compare_assets, tmp_path_factory):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    root, _ = compare_assets
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_eval_rejects_unsupported_model(compare_assets, gpt2_folder, tmp_path, monkeypatch):
+    _, recipe = compare_assets
+    monkeypatch.setenv("PP_PLUGIN_CACHE", str(tmp_path / "cache"))
+    code, stdout, stderr = run_cli(["eval", str(recipe), "--set", f"model={gpt2_folder}"])
+    assert code == 2
+    assert "model type 'gpt2' is not supported" in stderr
+    assert "Traceback" not in stderr
+    assert stdout == ""
+
+
+def test_eval_rejects_missing_skip_layer(compare_assets, tmp_path, monkeypatch):
+    _, recipe = compare_assets
+    monkeypatch.setenv("PP_PLUGIN_CACHE", str(tmp_path / "cache"))
+    code, _, stderr = run_cli(["eval", str(recipe), "--set", "method.skip_layers=[0, 99]"])
+    assert code == 2
+    assert "skip_layers [99] do not exist" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_eval_rejects_tokenizer_larger_than_vocabulary(compare_assets, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root, recipe = compare_assets
+    monkeypatch.setenv("PP_PLUGIN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "small-vocab"
+    config = LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(root / "model").save_pretrained(folder)
+    code, _, stderr = run_cli(["eval", str(recipe), "--set", f"model={folder}"])
+    assert code == 2
+    assert "vocabulary has 4 entries" in stderr
+
+
+def test_json_path_that_is_a_folder(compare_assets, tmp_path, monkeypatch):
+    _, recipe = compare_assets
+    monkeypatch.setenv("PP_PLUGIN_CACHE", str(tmp_path / "cache"))
+    code, _, stderr = run_cli(["eval", str(recipe), "--json", str(tmp_path), "--force"])
+    assert code == 2
+    assert "is a folder" in stderr
