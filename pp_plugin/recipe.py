@@ -24,6 +24,7 @@ overrides (see :func:`apply_overrides`) are applied before validation.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -32,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import RecipeError
 from .methods import METHODS
+
+logger = logging.getLogger(__name__)
 
 MethodConfig = Annotated[
     Union[tuple(config for config, _ in METHODS.values())],
@@ -203,6 +206,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except (UnicodeDecodeError, yaml.YAMLError) as error:
         raise RecipeError(f"recipe file {path} is not valid UTF-8 YAML: {error}") from None
     if raw is None:
+        logger.warning("recipe %s is empty; running with every default (see the recipe reference in README.md)", path)
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values, got {type(raw).__name__}.")

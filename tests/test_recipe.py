@@ -524,3 +524,12 @@ def test_load_error_names_file(tmp_path):
     message = str(caught.value)
     assert f"invalid recipe {path}:" in message
     assert "data.seq_length: unknown key" in message
+
+
+def test_empty_recipe_file_warns(tmp_path, caplog):
+    path = tmp_path / "empty.yaml"
+    path.write_text("", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="pp_plugin.recipe"):
+        recipe = load_recipe(path)
+    assert recipe.method.name == "probe"
+    assert "is empty" in caplog.text
