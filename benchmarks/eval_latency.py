@@ -1,7 +1,7 @@
 """Repeat `pp-prune eval` on one recipe and report medians over the repeats.
 
 Each repeat evaluates the dense model and the recipe's method side by side on
-the same batches (see pp_plugin.evaluation); this script runs several repeats
+the same batches (see pp_plugin.evaluation). This script runs several repeats
 in one process and prints a Markdown table of the medians, for docs/benchmarks.md.
 
     python benchmarks/eval_latency.py recipes/smollm2-probe.yaml --repeats 3 [--set KEY=VALUE ...]

@@ -97,10 +97,12 @@ def summarise_row(result: MethodResult, dense: MethodResult | None) -> Compariso
     dense_samples = (dense.window_perplexities or dense.batch_perplexities) if dense_ok else []
     if ok and dense_ok and len(dense_samples) == len(samples):
         paired = _log_interval([math.log(a) - math.log(b) for a, b in zip(samples, dense_samples)])
+
     increase = result.perplexity - dense.perplexity if ok and dense_ok else None
     prr = None
     if increase is not None and result.latency_ratio is not None and result.latency_ratio < 1:
         prr = increase / (1 - result.latency_ratio)
+
     return ComparisonRow(
         method=result.method,
         pruning_ratio=result.pruning_ratio,

@@ -70,13 +70,6 @@ class _Tally:
     error: str | None = None
 
 
-def batch_negative_log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Return the summed next-token NLL (nats) of a batch and the number of predicted tokens."""
-    predictions = logits[:, :-1].flatten(0, 1).float()
-    targets = input_ids[:, 1:].flatten().to(predictions.device)
-    return float(F.cross_entropy(predictions, targets, reduction="sum")), targets.numel()
-
-
 def window_negative_log_likelihoods(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Return the ``[B]`` summed next-token NLL (nats) of each window of a batch."""
     predictions = logits[:, :-1].float()
@@ -85,13 +78,20 @@ def window_negative_log_likelihoods(logits: torch.Tensor, input_ids: torch.Tenso
     return losses.view(targets.shape).sum(dim=1)
 
 
+def batch_negative_log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Return the summed next-token NLL (nats) of a batch and the number of predicted tokens."""
+    windows = window_negative_log_likelihoods(logits, input_ids)
+    return float(windows.sum()), windows.numel() * (input_ids.shape[1] - 1)
+
+
 def _run_batch(method: PruningMethod, model: nn.Module, batch: torch.Tensor, tally: _Tally) -> None:
     started = time.perf_counter()
     logits = method.forward(model, batch)
     tally.seconds.append(time.perf_counter() - started)
     windows = window_negative_log_likelihoods(logits, batch)
-    nll, tokens = float(windows.sum()), batch.shape[0] * (batch.shape[1] - 1)
-    tally.window_perplexities += [math.exp(value / (batch.shape[1] - 1)) for value in windows.tolist()]
+    predicted_per_window = batch.shape[1] - 1
+    nll, tokens = float(windows.sum()), windows.numel() * predicted_per_window
+    tally.window_perplexities += [math.exp(value / predicted_per_window) for value in windows.tolist()]
     tally.negative_log_likelihood += nll
     tally.tokens += tokens
     tally.batch_perplexities.append(math.exp(nll / tokens))

@@ -7,11 +7,11 @@ gate/up that are coupled to those columns. This module turns the graph's items
 into the index tensors that the pruning runtime gathers weights with.
 
 Tracing a Hugging Face decoder with torch-pruning 1.6.1 needs three changes
-while it runs, all undone afterwards (see :func:`traceable`): the KV cache off,
-eager attention (the SDPA path maps GQA indices wrongly), and the rotary step
-replaced by identity (its slice/cat in ``rotate_half`` makes tracing hang for
-some head layouts, e.g. heads = 2 x kv heads). Rotary acts within one head, so
-the coupling between heads is unchanged.
+while it runs, all undone afterwards by :func:`traceable`. The KV cache is
+turned off. Attention is eager, because the SDPA path maps GQA indices wrongly.
+The rotary step is replaced by identity, because its slice/cat in
+``rotate_half`` makes tracing hang for some head layouts (heads = 2 x kv heads,
+for example). Rotary acts within one head, so the coupling between heads is unchanged.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Calibration history: per-position input statistics of o_proj and down_proj.
 
 For the input x of each pruned o_proj and down_proj, the history stores
-``H[t, j]``, the mean over calibration samples of ``x[t, j] ** 2`` at absolute
-position t and input channel j (fp32, ``[max_seq_len, in_features]``), and the
-per-channel mean and variance of x over all calibration tokens (used by the
-FLAP score and by bias compensation). Histories are cached on disk under a key
+``H[t, j]``: the mean over calibration samples of ``x[t, j] ** 2`` at absolute
+position t and input channel j (fp32, ``[max_seq_len, in_features]``). It also
+stores the per-channel mean and variance of x over all calibration tokens,
+which the FLAP score and bias compensation use. Histories are cached on disk under a key
 made of the model, the data and the settings.
 """
 

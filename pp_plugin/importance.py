@@ -6,7 +6,7 @@ heads, down_proj for MLP channels), shape ``[out_features, in_features]``, and
 ``C`` is a per-input-channel activation statistic.
 
 - PP ("ppwandasp" in the reference code): channel j scores
-  ``|| C_j * W[:, j]**2 ||_2 = C_j * sqrt(sum_i W_ij**4)``; head h scores the L2
+  ``|| C_j * W[:, j]**2 ||_2 = C_j * sqrt(sum_i W_ij**4)``. Head h scores the L2
   norm of ``C_j * W_ij**2`` over all rows i and the head's columns j.
 - Wanda-sp: ``sum_i |W_ij| * sqrt(C_j)``.
 - FLAP fluctuation: ``var_j * ||W[:, j]||_2**2``.

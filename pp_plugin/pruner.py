@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 class StructureConfig(BaseModel):
-    """What is pruned and how much: shared by Probe Pruning and the static baselines."""
+    """Scope and amount of pruning, shared by Probe Pruning and the static baselines."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -109,6 +109,7 @@ class ProbePruner(tp.pruner.BasePruner):
                 f"skip_layers {bad} do not exist: the model has {len(layers)} decoder layers "
                 f"(indices 0..{len(layers) - 1})."
             )
+
         with traceable(model), torch.enable_grad():
             super().__init__(
                 model,
@@ -118,11 +119,13 @@ class ProbePruner(tp.pruner.BasePruner):
                 **dependency_graph_kwargs(model),
             )
         self.groups = extract_layer_groups(model, self.DG)
+
         self.pruned_layers = [i for i in range(len(layers)) if i not in self.config.skip_layers]
         self.layer_ratio = (
             layer_pruning_ratio(self.config.pruning_ratio, len(layers), len(self.config.skip_layers))
             if self.config.pruning_ratio > 0 else 0.0
         )
+
         attention, mlp = self.groups[0].attention, self.groups[0].mlp
         self.settings = SubBlockSettings(
             probe=self.config.probe,
@@ -133,12 +136,14 @@ class ProbePruner(tp.pruner.BasePruner):
             prune_attention=self.config.prune_attention,
             prune_mlp=self.config.prune_mlp,
         )
+
         self.calibrated_history: CalibrationHistory | None = None
         self.history: CalibrationHistory | None = None
         self.counters = RuntimeCounters()
         self._runtimes: list[PrunedLayerRuntime] = []
         self._hook = None
         self._padding_mask: torch.Tensor | None = None
+
         logger.info(
             "%d of %d layers pruned at per-layer ratio %.2f; uniform keep counts %d/%d heads "
             "and %d/%d MLP channels",

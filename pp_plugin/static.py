@@ -165,7 +165,7 @@ def layer_shapes(model: PreTrainedModel) -> list[dict[str, int | bool]]:
 
     Each entry contains ``num_heads``, ``num_kv_heads`` and ``intermediate_size``,
     read from the Linear weights, and ``o_proj_bias`` / ``down_proj_bias``, which
-    say whether those Linears have a bias (bias compensation adds one).
+    flag whether those Linears have a bias (bias compensation adds one).
     """
     shapes = []
     for layer in decoder_layers(model):
